@@ -401,10 +401,13 @@ def _chunks(matrices, selected, device, rows, cols):
 def _decompose(chunk, selected, device, dtype, rows, cols, use_evbmf):
     """Measures of a same-shape batch: ``(B, 14)`` = 6 BE, 6 AE, rank, non-finite flag."""
     try:
-        batch = torch.stack([m.make().to(device=device, dtype=dtype) for m in chunk])
-        finite = torch.isfinite(batch).flatten(1).all(1)
-        batch = torch.where(finite[:, None, None], batch, torch.zeros_like(batch))
-        spectrum = singular_values(batch)
+        batch = torch.empty((len(chunk), rows, cols), dtype=dtype, device=device)
+        for slot, matrix in zip(batch, chunk):
+            slot.copy_(matrix.make())
+        raw_spectrum = singular_values(batch)
+        del batch
+        finite = ~raw_spectrum[:, 0].isnan()
+        spectrum = torch.where(finite[:, None], raw_spectrum, torch.zeros((), dtype=dtype, device=device))
         be = spectral_metrics(spectrum)
         columns = list(be)
         if use_evbmf:
@@ -414,8 +417,10 @@ def _decompose(chunk, selected, device, dtype, rows, cols, use_evbmf):
         else:
             columns += [torch.full_like(be.S, float("nan"))] * 7
         columns.append((~finite).to(dtype))
-        return torch.stack(columns, dim=1), spectrum
-    except torch.OutOfMemoryError as error:
+        return torch.stack(columns, dim=1), raw_spectrum
+    except RuntimeError as error:  # CUDA's OutOfMemoryError, or the CPU allocator's failure
+        if not isinstance(error, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
         raise MemoryError(
             f"probe: out of {device} memory decomposing {len(chunk)} matrices of {rows} x {cols} "
             f"(layer {_layer_names(chunk, selected)})"

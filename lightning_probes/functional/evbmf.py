@@ -166,7 +166,7 @@ def evbmf(s: Tensor, cols: int, xatol: float = 1e-5) -> EVBMFResult:
     >>> s = torch.tensor([[50.0, 1.1, 1.0, 0.9]], dtype=torch.float64)
     >>> result = evbmf(s, cols=40)
     >>> int(result.rank[0]), round(float(result.values[0, 0]), 3)
-    (1, 49.95)
+    (1, 49.977)
     """
     rows = s.shape[-1]
     if rows > cols:

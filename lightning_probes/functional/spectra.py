@@ -20,6 +20,9 @@ def singular_values(matrices: Tensor) -> Tensor:
     """Singular values, descending, of a batch ``(B, rows, cols)``: a ``(B, min(rows, cols))``
     tensor in the input's dtype and on its device. One host sync per call, none per matrix.
 
+    A matrix with a NaN or infinite entry gets NaN values (found from its Gram diagonal, so
+    entries whose squares overflow count as infinite).
+
     >>> singular_values(torch.diag(torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64))[None])
     tensor([[3., 2., 1.]], dtype=torch.float64)
     """
@@ -28,10 +31,13 @@ def singular_values(matrices: Tensor) -> Tensor:
     wide = matrices if matrices.shape[-2] <= matrices.shape[-1] else matrices.mT
     if wide.shape[-2] == 0:
         return wide.new_zeros(wide.shape[0], 0)
-    eigenvalues = torch.linalg.eigvalsh(wide @ wide.mT).flip(-1).clamp_min(0)
+    gram = wide @ wide.mT
+    finite = torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all(-1)
+    gram = torch.where(finite[:, None, None], gram, torch.zeros((), dtype=gram.dtype, device=gram.device))
+    eigenvalues = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
     values = eigenvalues.sqrt()
-    ill_conditioned = eigenvalues[:, -1] * GRAM_MAX_CONDITION**2 < eigenvalues[:, 0]
+    ill_conditioned = finite & (eigenvalues[:, -1] * GRAM_MAX_CONDITION**2 < eigenvalues[:, 0])
     if bool(ill_conditioned.any()):
         index = ill_conditioned.nonzero().squeeze(1)
         values[index] = torch.linalg.svdvals(wide[index])
-    return values
+    return torch.where(finite[:, None], values, torch.full((), float("nan"), dtype=values.dtype, device=values.device))
