@@ -2,51 +2,18 @@
 
 Per layer and unfolding: a full SVD for the metrics, another for the norms, and the reference
 EVBMF (its own SVD, then scipy's bounded minimiser); all on the CPU in numpy, one matrix at a time.
-Used by the benchmarks only; the tests have their own independent references.
+The per-matrix math is the tests' independent SPEC reference (tests/reference.py).
 """
 from __future__ import annotations
 
-import math
+import sys
+from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
-
-def _evbmf(matrix: np.ndarray) -> np.ndarray:
-    if matrix.shape[0] > matrix.shape[1]:
-        matrix = matrix.T
-    L, M = matrix.shape
-    _, s, _ = np.linalg.svd(matrix, full_matrices=False)
-    alpha = L / M
-    tau_bar = 2.5129 * np.sqrt(alpha)
-    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
-    h = int(min(math.ceil(L / (1 + alpha)) - 1, L)) - 1
-    upper = np.sum(s**2) / (L * M)
-    lower = max(s[h + 1] ** 2 / (M * x_bar), np.mean(s[h + 1:] ** 2) / M)
-
-    def objective(sigma2):
-        x = s**2 / (M * sigma2)
-        z1, z2 = x[x > x_bar], x[x <= x_bar]
-        tau = 0.5 * (z1 - (1 + alpha) + np.sqrt((z1 - (1 + alpha)) ** 2 - 4 * alpha))
-        return (np.sum(z2 - np.log(z2)) + np.sum(z1 - tau) + np.sum(np.log((tau + 1) / z1))
-                + alpha * np.sum(np.log(tau / alpha + 1)))
-
-    with np.errstate(all="ignore"):
-        sigma2 = minimize_scalar(objective, bounds=[lower, upper], method="bounded").x
-    threshold = np.sqrt(M * sigma2 * (1 + tau_bar) * (1 + alpha / tau_bar))
-    kept = s[s > threshold]
-    shrink = 1 - (L + M) * sigma2 / kept**2
-    return kept / 2 * (shrink + np.sqrt(np.maximum(shrink**2 - 4 * L * M * sigma2**2 / kept**4, 0)))
-
-
-def _metrics(values: np.ndarray, n: int) -> tuple[float, ...]:
-    if len(values) == 0:
-        return (0.0,) * 6
-    p = values / values.sum()
-    p = p[p > 0]
-    stable = np.sum(values / values[0]) / n
-    return (stable, values[0] / values[-1], -np.sum(p * np.log(p)), values[0],
-            np.sqrt(np.sum(values**2)), np.arctan2(stable, 1 - values[-1] / values[0]))
+# The tests' per-matrix references, written from SPEC independently of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reference import reference_evbmf, reference_metrics  # noqa: E402
 
 
 def reference_probe(state_dict: dict[str, np.ndarray]) -> list[tuple[float, ...]]:
@@ -59,6 +26,10 @@ def reference_probe(state_dict: dict[str, np.ndarray]) -> list[tuple[float, ...]
         for matrix in unfoldings:
             _, s, _ = np.linalg.svd(matrix, full_matrices=False)  # metrics
             _, s_norms, _ = np.linalg.svd(matrix, full_matrices=False)  # norms, again
-            d = _evbmf(matrix)
-            rows.append(_metrics(s, len(s)) + _metrics(d, len(s)) + (np.linalg.norm(s_norms),))
+            wide = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+            _, s_evbmf, _ = np.linalg.svd(wide, full_matrices=False)  # EVBMF's own SVD
+            with np.errstate(all="ignore"):
+                d, _ = reference_evbmf(s_evbmf, wide.shape[1])
+            rows.append(tuple(reference_metrics(s, len(s)).values()) + tuple(reference_metrics(d, len(s)).values())
+                        + (np.linalg.norm(s_norms),))
     return rows
