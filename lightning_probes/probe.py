@@ -294,32 +294,28 @@ def _probe_weights(selected, use_evbmf, target, dtype, keep_spectra):
                              lambda w=weight, f=fold, t=rows > cols: _oriented(f(w), t))
             groups.setdefault((device, matrix.rows, matrix.cols), []).append(matrix)
 
-    outputs = []  # (matrices, stacked measures on device, spectra)
+    spectra_by_device: dict[torch.device, list[tuple[list[_Matrix], Tensor]]] = {}
     for (device, rows, cols), matrices in groups.items():
         for chunk in _chunks(matrices, selected, device, rows, cols):
-            outputs.append((chunk, *_decompose(chunk, selected, device, dtype, rows, cols, use_evbmf)))
+            spectrum = _singular_values(chunk, selected, device, dtype, rows, cols)
+            spectra_by_device.setdefault(device, []).append((chunk, spectrum))
 
-    # One host transfer per device for every measure of every matrix.
     non_finite = np.zeros(count, dtype=bool)
-    by_device: dict[torch.device, list] = {}
-    for chunk, measures, spectrum in outputs:
-        by_device.setdefault(measures.device, []).append((chunk, measures, spectrum))
-    for parts in by_device.values():
-        host = torch.cat([measures for _, measures, _ in parts]).cpu().numpy()
-        position = 0
-        for chunk, measures, spectrum in parts:
-            for i, matrix in enumerate(chunk):
-                line = host[position + i]
-                for side in matrix.sides:
-                    for j, measure in enumerate(_PER_MATRIX):
-                        values[(SIDES[side], measure, "BE")][matrix.row] = line[j]
-                        if use_evbmf:
-                            values[(SIDES[side], measure, "AE")][matrix.row] = line[6 + j]
-                    ranks[side, matrix.row] = line[12] if use_evbmf else np.nan
-                    if keep_spectra:
-                        spectra_parts[(matrix.row, side)] = spectrum[i]
-                non_finite[matrix.row] |= bool(line[13])
-            position += len(chunk)
+    for parts in spectra_by_device.values():
+        matrices = [matrix for chunk, _ in parts for matrix in chunk]
+        blocks = [spectrum for _, spectrum in parts]
+        host = _measure(matrices, blocks, use_evbmf).cpu().numpy()  # one transfer per device
+        spectra = [row for block in blocks for row in block]
+        for matrix, line, spectrum in zip(matrices, host, spectra):
+            for side in matrix.sides:
+                for j, measure in enumerate(_PER_MATRIX):
+                    values[(SIDES[side], measure, "BE")][matrix.row] = line[j]
+                    if use_evbmf:
+                        values[(SIDES[side], measure, "AE")][matrix.row] = line[6 + j]
+                ranks[side, matrix.row] = line[12] if use_evbmf else np.nan
+                if keep_spectra:
+                    spectra_parts[(matrix.row, side)] = spectrum
+            non_finite[matrix.row] |= bool(line[13])
 
     for row, (name, _) in enumerate(selected):
         if non_finite[row]:
@@ -398,26 +394,13 @@ def _chunks(matrices, selected, device, rows, cols):
     return [matrices[i:i + size] for i in range(0, len(matrices), size)]
 
 
-def _decompose(chunk, selected, device, dtype, rows, cols, use_evbmf):
-    """Measures of a same-shape batch: ``(B, 14)`` = 6 BE, 6 AE, rank, non-finite flag."""
+def _singular_values(chunk, selected, device, dtype, rows, cols) -> Tensor:
+    """Singular values ``(B, rows)`` of a same-shape batch, NaN rows for non-finite matrices."""
     try:
         batch = torch.empty((len(chunk), rows, cols), dtype=dtype, device=device)
         for slot, matrix in zip(batch, chunk):
             slot.copy_(matrix.make())
-        raw_spectrum = singular_values(batch)
-        del batch
-        finite = ~raw_spectrum[:, 0].isnan()
-        spectrum = torch.where(finite[:, None], raw_spectrum, torch.zeros((), dtype=dtype, device=device))
-        be = spectral_metrics(spectrum)
-        columns = list(be)
-        if use_evbmf:
-            denoised = evbmf(spectrum, cols)
-            columns += list(spectral_metrics(denoised.values, denoised.rank))
-            columns.append(denoised.rank.to(dtype))
-        else:
-            columns += [torch.full_like(be.S, float("nan"))] * 7
-        columns.append((~finite).to(dtype))
-        return torch.stack(columns, dim=1), raw_spectrum
+        return singular_values(batch)
     except RuntimeError as error:  # CUDA's OutOfMemoryError, or the CPU allocator's failure
         if not isinstance(error, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in str(error):
             raise
@@ -425,3 +408,28 @@ def _decompose(chunk, selected, device, dtype, rows, cols, use_evbmf):
             f"probe: out of {device} memory decomposing {len(chunk)} matrices of {rows} x {cols} "
             f"(layer {_layer_names(chunk, selected)})"
         ) from error
+
+
+def _measure(matrices: list[_Matrix], blocks: list[Tensor], use_evbmf: bool) -> Tensor:
+    """Measures of matrices of any shapes on one device, batched: ``(B, 14)`` = 6 BE, 6 AE,
+    kept rank, non-finite flag. The spectra blocks ``(B_i, N_i)`` are zero-padded to the widest;
+    EVBMF and the metrics run once over the whole ragged batch."""
+    first = blocks[0]
+    sizes = [m.rows for m in matrices]
+    padded = first.new_zeros(len(matrices), max(sizes))
+    start = 0
+    for block in blocks:
+        padded[start:start + len(block), : block.shape[1]] = block
+        start += len(block)
+    finite = ~padded[:, 0].isnan()
+    padded = torch.where(finite[:, None], padded, torch.zeros((), dtype=first.dtype, device=first.device))
+    size = torch.tensor(sizes, device=first.device)
+    columns = list(spectral_metrics(padded, size=size))
+    if use_evbmf:
+        denoised = evbmf(padded, [m.cols for m in matrices], rows=sizes)
+        columns += list(spectral_metrics(denoised.values, denoised.rank, size=size))
+        columns.append(denoised.rank.to(first.dtype))
+    else:
+        columns += [torch.full_like(columns[0], float("nan"))] * 7
+    columns.append((~finite).to(first.dtype))
+    return torch.stack(columns, dim=1)

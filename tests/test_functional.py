@@ -241,3 +241,26 @@ def test_aggregate_is_batched_over_leading_dims():
     x = torch.tensor([[1.0, 4.0], [9.0, 0.0]], dtype=F64)
     got = aggregate(x, torch.ones_like(x))
     assert got.p.tolist() == pytest.approx([2.0, 9.0])
+
+
+def test_evbmf_of_a_ragged_batch_equals_each_matrix_alone(generator):
+    shapes = [(4, 30), (16, 144), (1, 9), (40, 40), (12, 500)]
+    spectra = [singular_values(random_matrix(r, c, generator, "low_rank_noise")[None])[0] for r, c in shapes]
+    padded = torch.zeros(len(shapes), 40, dtype=F64)
+    for slot, s in zip(padded, spectra):
+        slot[: len(s)] = s
+    together = evbmf(padded, [c for _, c in shapes], rows=[r for r, _ in shapes])
+    for i, (s, (rows, cols)) in enumerate(zip(spectra, shapes)):
+        alone = evbmf(s[None], cols)
+        assert int(together.rank[i]) == int(alone.rank[0])
+        torch.testing.assert_close(together.noise_variance[i], alone.noise_variance[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(together.values[i, :rows], alone.values[0], rtol=1e-12, atol=0)
+        assert torch.all(together.values[i, rows:] == 0)
+    assert int(together.rank.sum()) > 0
+
+
+def test_evbmf_rejects_inconsistent_sizes():
+    with pytest.raises(ValueError, match="rows <= cols"):
+        evbmf(torch.ones(1, 5, dtype=F64), 3)
+    with pytest.raises(ValueError, match="one entry per matrix"):
+        evbmf(torch.ones(2, 5, dtype=F64), [9], rows=[5, 5])

@@ -7,7 +7,7 @@ minimiser equals the reference code's up to float rounding in the objective.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -106,16 +106,9 @@ def minimize_scalar_bounded(
         new_xf = torch.where(improved, x, xf)
         new_fx = torch.where(improved, fu, fx)
 
-        a = torch.where(active, new_a, a)
-        b = torch.where(active, new_b, b)
-        fulc = torch.where(active, new_fulc, fulc)
-        ffulc = torch.where(active, new_ffulc, ffulc)
-        nfc = torch.where(active, new_nfc, nfc)
-        fnfc = torch.where(active, new_fnfc, fnfc)
-        xf = torch.where(active, new_xf, xf)
-        fx = torch.where(active, new_fx, fx)
-        e = torch.where(active, new_e, e)
-        rat = torch.where(active, new_rat, rat)
+        state = torch.stack((a, b, fulc, ffulc, nfc, fnfc, xf, fx, e, rat))
+        new_state = torch.stack((new_a, new_b, new_fulc, new_ffulc, new_nfc, new_fnfc, new_xf, new_fx, new_e, new_rat))
+        a, b, fulc, ffulc, nfc, fnfc, xf, fx, e, rat = torch.where(active, new_state, state).unbind(0)
         nfev = nfev + active.long()
         xm = 0.5 * (a + b)
         tol1 = _SQRT_EPS * xf.abs() + xatol / 3.0
@@ -123,64 +116,96 @@ def minimize_scalar_bounded(
     return BoundedMinimum(xf, fx, nfev)
 
 
-def _tau(x: Tensor, alpha: float) -> Tensor:
-    shifted = x - (1 + alpha)
-    return 0.5 * (shifted + torch.sqrt((shifted**2 - 4 * alpha).clamp_min(0)))
+class _Dims(NamedTuple):
+    """Per-matrix sizes of a ragged batch, as ``(B, 1)`` float tensors for broadcasting."""
+
+    rows: Tensor
+    cols: Tensor
+    alpha: Tensor
+    tau_bar: Tensor
+    x_bar: Tensor
+    valid: Tensor  # (B, width): which entries of the padded values are singular values
 
 
-def _x_bar(alpha: float) -> tuple[float, float]:
-    tau_bar = 2.5129 * math.sqrt(alpha)
-    return tau_bar, (1 + tau_bar) * (1 + alpha / tau_bar)
+def _dims(s: Tensor, cols: int | Sequence[int], rows: Sequence[int] | None) -> _Dims:
+    batch, width = s.shape
+    rows = [width] * batch if rows is None else list(rows)
+    cols = [cols] * batch if isinstance(cols, int) else list(cols)
+    if len(rows) != batch or len(cols) != batch:
+        raise ValueError(f"rows and cols need one entry per matrix ({batch}), got {len(rows)} and {len(cols)}")
+    for r, c in zip(rows, cols):
+        if not 0 < r <= min(c, width):
+            raise ValueError(f"EVBMF needs 0 < rows <= cols and rows <= {width} values, got rows={r}, cols={c}")
+    as_column = lambda values: torch.tensor(values, dtype=s.dtype, device=s.device)[:, None]  # noqa: E731
+    rows_t, cols_t = as_column(rows), as_column(cols)
+    alpha = rows_t / cols_t
+    tau_bar = 2.5129 * torch.sqrt(alpha)
+    x_bar = (1 + tau_bar) * (1 + alpha / tau_bar)
+    valid = torch.arange(width, device=s.device) < rows_t
+    return _Dims(rows_t, cols_t, alpha, tau_bar, x_bar, valid)
 
 
-def noise_variance_bounds(s: Tensor, cols: int) -> tuple[Tensor, Tensor]:
-    """``(lower, upper)`` of SPEC §3 for singular values ``s`` of shape ``(B, L)``, ``L <= cols``."""
-    rows = s.shape[-1]
-    alpha = rows / cols
-    _, x_bar = _x_bar(alpha)
-    tail_start = min(math.ceil(rows / (1 + alpha)) - 1, rows)  # = h + 1 of SPEC §3
-    squares = s**2
-    upper = squares.sum(-1) / (rows * cols)
+def noise_variance_bounds(s: Tensor, cols: int | Sequence[int], rows: Sequence[int] | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """``(lower, upper)`` of SPEC §3 for descending singular values ``s (B, width)``.
+
+    Matrix ``b`` has ``rows[b]`` values (default: all ``width``; the rest is padding) and
+    ``cols[b] >= rows[b]`` columns.
+    """
+    dims = _dims(s, cols, rows)
+    row_counts = [s.shape[-1]] * s.shape[0] if rows is None else list(rows)
+    col_counts = [cols] * s.shape[0] if isinstance(cols, int) else list(cols)
+    # h + 1 of SPEC §3, in Python floats exactly as the reference computes it
+    tail_start = torch.tensor(
+        [[min(math.ceil(r / (1 + r / c)) - 1, r)] for r, c in zip(row_counts, col_counts)], device=s.device
+    )
+    squares = torch.where(dims.valid, s**2, torch.zeros((), dtype=s.dtype, device=s.device))
+    upper = squares.sum(-1) / (dims.rows * dims.cols).squeeze(1)
+    tail = dims.valid & (torch.arange(s.shape[-1], device=s.device) >= tail_start)
+    tail_mean = (squares * tail).sum(-1) / tail.sum(-1)
     lower = torch.maximum(
-        squares[:, tail_start] / (cols * x_bar), squares[:, tail_start:].mean(-1) / cols
+        squares.gather(1, tail_start).squeeze(1) / (dims.cols * dims.x_bar).squeeze(1),
+        tail_mean / dims.cols.squeeze(1),
     )
     return lower, upper
 
 
-def evbmf_objective(sigma2: Tensor, s: Tensor, cols: int) -> Tensor:
-    """The EVBMF free energy of SPEC §3 step 1, at noise variances ``sigma2 (B,)``."""
-    rows = s.shape[-1]
-    alpha = rows / cols
-    _, x_bar = _x_bar(alpha)
-    x = s**2 / (cols * sigma2[:, None])
-    above = x > x_bar
-    tau = _tau(x, alpha)
+def _objective(sigma2: Tensor, s: Tensor, dims: _Dims) -> Tensor:
+    x = s**2 / (dims.cols * sigma2[:, None])
+    shifted = x - (1 + dims.alpha)
+    tau = 0.5 * (shifted + torch.sqrt((shifted**2 - 4 * dims.alpha).clamp_min(0)))
     below_terms = x - torch.log(x)
-    above_terms = x - tau + torch.log((tau + 1) / x) + alpha * torch.log(tau / alpha + 1)
-    return torch.where(above, above_terms, below_terms).sum(-1)
+    above_terms = x - tau + torch.log((tau + 1) / x) + dims.alpha * torch.log(tau / dims.alpha + 1)
+    terms = torch.where(x > dims.x_bar, above_terms, below_terms)
+    return torch.where(dims.valid, terms, torch.zeros((), dtype=s.dtype, device=s.device)).sum(-1)
 
 
-def evbmf(s: Tensor, cols: int, xatol: float = 1e-5) -> EVBMFResult:
-    """EVBMF of matrices given by their singular values ``s (B, L)`` (descending), ``L <= cols``.
+def evbmf_objective(sigma2: Tensor, s: Tensor, cols: int | Sequence[int],
+                    rows: Sequence[int] | None = None) -> Tensor:
+    """The EVBMF free energy of SPEC §3 step 1 at noise variances ``sigma2 (B,)``."""
+    return _objective(sigma2, s, _dims(s, cols, rows))
+
+
+def evbmf(s: Tensor, cols: int | Sequence[int], rows: Sequence[int] | None = None,
+          xatol: float = 1e-5) -> EVBMFResult:
+    """EVBMF of matrices given by their descending singular values ``s (B, width)``.
+
+    Matrix ``b`` has ``rows[b] <= cols[b]`` dims (``rows`` defaults to ``width``; values past
+    ``rows[b]`` are padding), so matrices of different shapes share one batched minimisation.
 
     >>> s = torch.tensor([[50.0, 1.1, 1.0, 0.9]], dtype=torch.float64)
     >>> result = evbmf(s, cols=40)
     >>> int(result.rank[0]), round(float(result.values[0, 0]), 3)
     (1, 49.977)
     """
-    rows = s.shape[-1]
-    if rows > cols:
-        raise ValueError(f"EVBMF needs rows <= cols, got {rows} singular values for {cols} columns")
-    alpha = rows / cols
-    tau_bar = 2.5129 * math.sqrt(alpha)
-    lower, upper = noise_variance_bounds(s, cols)
-    sigma2 = minimize_scalar_bounded(
-        lambda v: evbmf_objective(v, s, cols), lower, upper, xatol=xatol
-    ).x
+    dims = _dims(s, cols, rows)
+    lower, upper = noise_variance_bounds(s, cols, rows)
+    sigma2 = minimize_scalar_bounded(lambda v: _objective(v, s, dims), lower, upper, xatol=xatol).x
+    sigma2 = sigma2[:, None]
     # Written as the reference writes it, so ties at the threshold fall the same way.
-    threshold = torch.sqrt(cols * sigma2 * (1 + tau_bar) * (1 + alpha / tau_bar))
-    kept = s > threshold[:, None]
-    shrink = 1 - (rows + cols) * sigma2[:, None] / s**2
-    root = torch.sqrt((shrink**2 - 4 * rows * cols * sigma2[:, None] ** 2 / s**4).clamp_min(0))
-    values = torch.where(kept, s / 2 * (shrink + root), torch.zeros_like(s))
-    return EVBMFResult(values, kept.sum(-1), sigma2)
+    threshold = torch.sqrt(dims.cols * sigma2 * (1 + dims.tau_bar) * (1 + dims.alpha / dims.tau_bar))
+    kept = dims.valid & (s > threshold)
+    shrink = 1 - (dims.rows + dims.cols) * sigma2 / s**2
+    root = torch.sqrt((shrink**2 - 4 * dims.rows * dims.cols * sigma2**2 / s**4).clamp_min(0))
+    values = torch.where(kept, s / 2 * (shrink + root), torch.zeros((), dtype=s.dtype, device=s.device))
+    return EVBMFResult(values, kept.sum(-1), sigma2.squeeze(1))

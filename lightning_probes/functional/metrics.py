@@ -18,9 +18,11 @@ class SpectralMetrics(NamedTuple):
     SQ: Tensor  # stable quality atan2(S, 1 - s_last / s_1)
 
 
-def spectral_metrics(values: Tensor, count: Tensor | None = None) -> SpectralMetrics:
-    """Measures of matrices given by descending values ``(B, N)``, of which the first ``count``
-    are used (all when ``None``); stable rank still divides by ``N`` (SPEC §3).
+def spectral_metrics(values: Tensor, count: Tensor | None = None, size: Tensor | None = None
+                     ) -> SpectralMetrics:
+    """Measures of matrices given by descending values ``(B, width)``, of which the first
+    ``count`` are used (default: ``size``); stable rank divides by ``size``, the matrix's N
+    (default: ``width``), also for the kept EVBMF values (SPEC §3).
 
     A matrix whose values are all zero has NaN S, C, ER and SQ (undefined) and zero norms; with
     ``count`` given, a matrix that keeps no value has every measure 0 (the reference's AE rule).
@@ -29,16 +31,18 @@ def spectral_metrics(values: Tensor, count: Tensor | None = None) -> SpectralMet
     >>> float(m.S[0]), float(m.C[0]), round(float(m.ER[0]), 6), round(float(m.SQ[0]), 6)
     (1.0, 1.0, 1.386294, 1.570796)
     """
-    n = values.shape[-1]
+    width = values.shape[-1]
     kept_rank_given = count is not None
+    if size is None:
+        size = torch.full(values.shape[:-1], width, dtype=torch.long, device=values.device)
     if count is None:
-        count = torch.full(values.shape[:-1], n, dtype=torch.long, device=values.device)
-    position = torch.arange(n, device=values.device)
+        count = size
+    position = torch.arange(width, device=values.device)
     used = torch.where(position < count[:, None], values, torch.zeros_like(values))
     first = used[:, 0]
     last = used.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
     total = used.sum(-1)
-    stable_rank = total / first / n
+    stable_rank = total / first / size
     condition = first / last
     share = used / total[:, None]
     effective_rank = -torch.where(share > 0, share * torch.log(share), torch.zeros_like(share)).sum(-1)
