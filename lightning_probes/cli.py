@@ -11,6 +11,8 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS = {
+    "generate": ("lightning_probes.generate", "train a GenProb model zoo on digits (GenProb checkpoints)"),
+    "replay": ("lightning_probes.replay", "probe checkpoints offline: table, errors, TensorBoard"),
 }
 
 

@@ -12,6 +12,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from lightning_probes.functional._ordered import ordered_sum
+
 _SQRT_EPS = math.sqrt(2.2e-16)  # as scipy writes it
 _GOLDEN_MEAN = 0.5 * (3.0 - math.sqrt(5.0))
 #: Iterations between host checks of convergence in the batched minimiser.
@@ -160,9 +162,9 @@ def noise_variance_bounds(s: Tensor, cols: int | Sequence[int], rows: Sequence[i
         [[min(math.ceil(r / (1 + r / c)) - 1, r)] for r, c in zip(row_counts, col_counts)], device=s.device
     )
     squares = torch.where(dims.valid, s**2, torch.zeros((), dtype=s.dtype, device=s.device))
-    upper = squares.sum(-1) / (dims.rows * dims.cols).squeeze(1)
+    upper = ordered_sum(squares) / (dims.rows * dims.cols).squeeze(1)
     tail = dims.valid & (torch.arange(s.shape[-1], device=s.device) >= tail_start)
-    tail_mean = (squares * tail).sum(-1) / tail.sum(-1)
+    tail_mean = ordered_sum(squares * tail) / tail.sum(-1)
     lower = torch.maximum(
         squares.gather(1, tail_start).squeeze(1) / (dims.cols * dims.x_bar).squeeze(1),
         tail_mean / dims.cols.squeeze(1),
@@ -177,7 +179,7 @@ def _objective(sigma2: Tensor, s: Tensor, dims: _Dims) -> Tensor:
     below_terms = x - torch.log(x)
     above_terms = x - tau + torch.log((tau + 1) / x) + dims.alpha * torch.log(tau / dims.alpha + 1)
     terms = torch.where(x > dims.x_bar, above_terms, below_terms)
-    return torch.where(dims.valid, terms, torch.zeros((), dtype=s.dtype, device=s.device)).sum(-1)
+    return ordered_sum(torch.where(dims.valid, terms, torch.zeros((), dtype=s.dtype, device=s.device)))
 
 
 def evbmf_objective(sigma2: Tensor, s: Tensor, cols: int | Sequence[int],

@@ -6,6 +6,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_probes.functional._ordered import ordered_sum
+
 
 class SpectralMetrics(NamedTuple):
     """One ``(B,)`` tensor per measure, names as the reference CSV columns."""
@@ -41,12 +43,12 @@ def spectral_metrics(values: Tensor, count: Tensor | None = None, size: Tensor |
     used = torch.where(position < count[:, None], values, torch.zeros_like(values))
     first = used[:, 0]
     last = used.gather(1, (count - 1).clamp_min(0)[:, None]).squeeze(1)
-    total = used.sum(-1)
+    total = ordered_sum(used)
     stable_rank = total / first / size
     condition = first / last
     share = used / total[:, None]
-    effective_rank = -torch.where(share > 0, share * torch.log(share), torch.zeros_like(share)).sum(-1)
-    frobenius = torch.sqrt((used**2).sum(-1))
+    effective_rank = -ordered_sum(torch.where(share > 0, share * torch.log(share), torch.zeros_like(share)))
+    frobenius = torch.sqrt(ordered_sum(used**2))
     stable_quality = torch.atan2(stable_rank, 1 - last / first)
 
     undefined = first == 0
