@@ -27,7 +27,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 from digits import classifier, digits_loaders, kaiming_init  # noqa: E402
+from machine import cpu_name, load_average  # noqa: E402
 from lightning_probes.genprob import nin_from_code  # noqa: E402
 from lightning_probes.pytorch_lightning import ProbeCallback  # noqa: E402
 
@@ -73,15 +76,8 @@ def run(with_probes: bool, args, log_dir: str) -> tuple[list[float], list[float]
 
 
 def machine_line(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}, "
-            f"pytorch-lightning {pl.__version__}, python {platform.python_version()}{load}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}, "
+            f"pytorch-lightning {pl.__version__}, python {platform.python_version()}, {load_average()}")
 
 
 def write_results(text: str) -> None:

@@ -24,6 +24,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_name, load_average  # noqa: E402
 from models import CifarResNet18  # noqa: E402
 from reference_loop import reference_probe  # noqa: E402
 
@@ -32,14 +33,8 @@ from lightning_probes.functional import singular_values, unfold_in, unfold_out  
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}, "
-            f"python {platform.python_version()}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}, "
+            f"python {platform.python_version()}, {load_average()}")
 
 
 def bare_spectra(weights: list[torch.Tensor]) -> None:

@@ -187,6 +187,8 @@ def probe(
             ProbeWarning, stacklevel=2,
         )
     target = torch.device(device) if device is not None else None
+    if target is not None and target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"probe(device={device!r}): CUDA is not available on this machine")
     uses_cpu = target.type == "cpu" if target is not None else any(t.device.type == "cpu" for _, t in selected)
     previous_threads = torch.get_num_threads()
     if num_threads is not None and uses_cpu:

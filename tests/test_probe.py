@@ -170,3 +170,6 @@ def test_explicit_device_argument():
     res_default = probe(small_net())
     res_cpu = probe(small_net(), device="cpu")
     pd.testing.assert_frame_equal(res_default.layers, res_cpu.layers)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda'"):
+            probe(small_net(), device="cuda")
