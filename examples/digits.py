@@ -13,6 +13,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def cpu_setup(threads: int | None) -> None:
+    """Flush denormals (small CNNs train several times slower on CPU without it) and, when
+    given, set torch's CPU thread count."""
+    torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
+
 def digits_loaders(batch_size: int = 64, val_share: float = 0.25, seed: int = 0):
     """Train and validation loaders: a stratified split of the 1797 digits, standardised with
     the training statistics, shape (3, 8, 8)."""

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
-from digits import classifier, digits_loaders, kaiming_init, small_cnn
+from digits import cpu_setup, classifier, digits_loaders, kaiming_init, small_cnn
 from lightning_probes import ProbeCallback
 
 
@@ -33,9 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
 
-    torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     train, val = digits_loaders(seed=args.seed)
     model = classifier(pl, kaiming_init(small_cnn(args.width)), "adam", args.lr)

@@ -18,10 +18,9 @@ import argparse
 
 import lightning.pytorch as pl
 import optuna
-import torch
 from optuna_integration import PyTorchLightningPruningCallback
 
-from digits import classifier, digits_loaders, kaiming_init, small_cnn
+from digits import cpu_setup, classifier, digits_loaders, kaiming_init, small_cnn
 from lightning_probes.lightning import ProbeCallback
 
 
@@ -63,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
 
-    torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"{'pruned on':<16} {'best val_acc':>12} {'epochs spent':>12} {'pruned':>6} {'complete':>8}  best params")
     for monitor in ("val_acc", args.monitor):

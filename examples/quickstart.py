@@ -14,10 +14,9 @@ import argparse
 import time
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from digits import classifier, digits_loaders, kaiming_init
+from digits import cpu_setup, classifier, digits_loaders, kaiming_init
 from lightning_probes import HEADLINE_AGGREGATES, ProbeCallback
 from lightning_probes.genprob import nin_from_code
 
@@ -53,9 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
 
-    torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     train, val = digits_loaders(args.batch_size, seed=args.seed)
     model = classifier(pl, kaiming_init(nin_from_code(args.code)), "adam", args.lr)

@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "generate": ("lightning_probes.generate", "train a GenProb model zoo on digits (GenProb checkpoints)"),
     "replay": ("lightning_probes.replay", "probe checkpoints offline: table, errors, TensorBoard"),
+    "correlate": ("lightning_probes.correlate", "rank a zoo's models by each measure: correlations, early prediction, figures"),
 }
 
 

@@ -6,7 +6,6 @@ every group reach the host in one transfer at the end.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings

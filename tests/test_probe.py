@@ -9,7 +9,6 @@ from reference import reference_layer
 from torch import nn
 
 from lightning_probes import TABLE_COLUMNS, aggregates_from_table, probe, select_weights
-from lightning_probes.probe import ProbeWarning
 
 
 def small_net():
