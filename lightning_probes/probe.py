@@ -263,6 +263,7 @@ def _probe_weights(selected, use_evbmf, target, dtype, keep_spectra):
     }
     ranks = np.full((2, count), np.nan)
     channel = np.zeros((2, count), dtype=np.int64)
+    empty = np.zeros(count, dtype=bool)
     spectra_parts: dict[tuple[int, int], Tensor] = {}
     groups: dict[tuple[torch.device, int, int], list[_Matrix]] = {}
 
@@ -278,6 +279,7 @@ def _probe_weights(selected, use_evbmf, target, dtype, keep_spectra):
         channel[:, row] = channel_weights(shape)
         if weight.numel() == 0:
             _warn(name, f"has zero size {shape}: its measures are undefined")
+            empty[row] = True
             for side in range(2):
                 _fill_empty(values, side, row, use_evbmf)
                 ranks[side, row] = 0
@@ -326,7 +328,7 @@ def _probe_weights(selected, use_evbmf, target, dtype, keep_spectra):
                     for variant in VARIANTS:
                         values[(side, measure, variant)][row] = np.nan
             ranks[:, row] = np.nan
-        elif values[("out", "spec", "BE")][row] == 0:
+        elif values[("out", "spec", "BE")][row] == 0 and not empty[row]:
             _warn(name, "is all zeros: its S, C, ER and SQ are undefined (NaN)")
 
     table = {"layer": [name for name, _ in selected]}

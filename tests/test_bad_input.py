@@ -1,5 +1,6 @@
 """Bad input: no exception, defined values, one warning naming the layer and the reason."""
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,9 @@ def probe_warning_once(obj, match, **kwargs):
         res = probe(obj, **kwargs)
     messages = [str(w.message) for w in record if issubclass(w.category, ProbeWarning)]
     assert len([m for m in messages if match in m]) == 1, messages
+    layer = re.search(r"'[^']+'", match)
+    if layer:  # one warning per layer, whatever its reasons
+        assert len([m for m in messages if layer.group(0) in m]) == 1, messages
     assert all(math.isfinite(v) for v in res.aggregates.values())
     return res, messages
 
