@@ -50,6 +50,7 @@ from lightning_probes.probe import (
     VARIANTS,
     ProbeResult,
     aggregates_from_table,
+    layer_table,
     probe,
     select_weights,
 )
@@ -463,23 +464,13 @@ def _gather(trainer, local: ProbeResult | None, selected, owners, evbmf: bool, w
     position = {name: (rank, i) for rank, names in enumerate(names_by_rank) for i, name in enumerate(names)}
     order = [position[name] for name, _ in selected]
     values = np.stack([gathered[rank, i].numpy() for rank, i in order]) if order else np.empty((0, len(numeric)))
-    table = pd.DataFrame({"layer": [name for name, _ in selected]})
-    for j, column in enumerate(numeric):
-        table[column] = pd.Series(values[:, j]).astype(_column_dtype(column))
+    table = layer_table([name for name, _ in selected],
+                        {column: values[:, j] for j, column in enumerate(numeric)})
 
     spectra = {}
     if with_spectra:
         spectra = _gather_spectra(strategy, local, names_by_rank, device)
     return ProbeResult(layers=table, aggregates=aggregates_from_table(table), spectra=spectra)
-
-
-def _column_dtype(column: str) -> str:
-    """The dtype ``probe()`` gives a table column (channel weights are counts, ranks may be missing)."""
-    if "_weight_" in column:
-        return "int64"
-    if column.endswith("_rank_AE"):
-        return "Int64"
-    return "float64"
 
 
 def _gather_spectra(strategy, local: ProbeResult | None, names_by_rank, device) -> dict[str, tuple[Tensor, Tensor]]:

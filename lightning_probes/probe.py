@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -236,6 +236,29 @@ def aggregates_from_table(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def layer_table(layers: Sequence[str], columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The per-layer table from numeric columns (those of ``TABLE_COLUMNS`` given, in its order),
+    with the table's dtypes: channel weights int64, kept ranks nullable Int64 (NaN becomes
+    missing), every measure float64.
+
+    >>> table = layer_table(["fc.weight"], {"in_weight_BE": [3.0], "in_rank_AE": [float("nan")]})
+    >>> [str(table[c].dtype) for c in ("in_weight_BE", "in_rank_AE")]
+    ['int64', 'Int64']
+    """
+    table = {"layer": list(layers)}
+    for column in TABLE_COLUMNS[1:]:
+        if column not in columns:
+            continue
+        data = np.asarray(columns[column], dtype=np.float64)
+        if "_weight_" in column:
+            table[column] = data.astype(np.int64)
+        elif column.endswith("_rank_AE"):
+            table[column] = pd.array([None if np.isnan(v) else int(v) for v in data], dtype="Int64")
+        else:
+            table[column] = data
+    return pd.DataFrame(table, columns=list(table))
+
+
 def _column(table: pd.DataFrame, name: str) -> np.ndarray:
     return table[name].to_numpy(dtype=np.float64, na_value=np.nan)
 
@@ -331,26 +354,25 @@ def _probe_weights(selected, use_evbmf, target, dtype, keep_spectra):
         elif values[("out", "spec", "BE")][row] == 0 and not empty[row]:
             _warn(name, "is all zeros: its S, C, ER and SQ are undefined (NaN)")
 
-    table = {"layer": [name for name, _ in selected]}
+    columns = {}
     for column in TABLE_COLUMNS[1:]:
         side, measure, variant = column.split("_")
         if variant == "AE" and not use_evbmf:
             continue
         if measure == "weight":
-            table[column] = channel[SIDES.index(side)]
+            columns[column] = channel[SIDES.index(side)]
         elif measure == "rank":
-            table[column] = pd.array(
-                [None if np.isnan(r) else int(r) for r in ranks[SIDES.index(side)]], dtype="Int64"
-            )
+            columns[column] = ranks[SIDES.index(side)]
         else:
-            table[column] = values[(side, measure, variant)]
+            columns[column] = values[(side, measure, variant)]
+    table = layer_table([name for name, _ in selected], columns)
     spectra = {}
     if keep_spectra:
         for row, (name, _) in enumerate(selected):
             pair = [spectra_parts.get((row, side)) for side in range(2)]
             if all(p is not None for p in pair):
                 spectra[name] = (pair[0].cpu(), pair[1].cpu())
-    return pd.DataFrame(table, columns=list(table)), spectra
+    return table, spectra
 
 
 def _oriented(matrix: Tensor, transpose: bool) -> Tensor:
